@@ -1,0 +1,345 @@
+"""The API routes: store a secret, read it once, and the health probes."""
+
+from __future__ import annotations
+
+import codecs
+import datetime
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tornado.iostream import StreamClosedError
+from tornado.web import RequestHandler
+
+from ots import crypto
+from ots.base import ApiHandler, JsonBodyHandler, Services
+from ots.errors import (
+    PROBLEM_CLASSES,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    WrongPassphrase,
+)
+from ots.schemas import GenerateRequest, ReadRequest
+from ots.store import SecretRecord
+from ots.workers import run_cpu
+
+log = logging.getLogger("ots.app")
+
+# Payloads up to this size are sealed or opened on the event loop (well under
+# a millisecond of AES-GCM); larger ones in a thread.
+LOOP_CRYPTO_BYTES = 64 * 1024
+
+
+def format_time(moment: datetime.datetime) -> str:
+    """Format a UTC time as RFC 3339 with a `Z` suffix, to the second."""
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class GenerateHandler(JsonBodyHandler):
+    """`POST /generate`: encrypt and store a secret, return its key once."""
+
+    route = "/generate"
+    allowed_methods = ("POST",)
+
+    def body_limit(self) -> int:
+        """Room for a secret of `MAX_SECRET_BYTES` escaped in JSON, plus 64 KiB."""
+        return self.services.settings.max_generate_body_bytes
+
+    async def post(self) -> None:
+        """Store the secret and answer 201 with its key."""
+        settings = self.services.settings
+        request = await self.load_body(GenerateRequest(ttl_max=settings.secret_ttl_max))
+        plaintext = await _encode(request["secret"].reveal())
+        if len(plaintext) > settings.max_secret_bytes:
+            raise PayloadTooLarge(
+                f"The secret exceeds {settings.max_secret_bytes} bytes of UTF-8."
+            )
+        ttl: int = request.get("ttl", settings.secret_ttl_default)
+        passphrase = request["passphrase"].reveal().encode("utf-8")
+
+        key_text, key = crypto.new_secret_key()
+        record_id = crypto.record_id(key)
+        self.record_ref = self.services.record_ref(record_id)
+        salt = crypto.new_salt()
+        params = settings.kdf_params
+        pool = self.services.kdf_pool
+        async with pool.admission():
+            kek = await pool.run(crypto.derive_kek, passphrase, key, salt, params)
+
+        data_key = crypto.new_data_key()
+        cipher = crypto.PayloadCipher(data_key, record_id, len(plaintext))
+        now = self.services.clock().replace(microsecond=0)
+        expires_at = now + datetime.timedelta(seconds=ttl)
+        record: SecretRecord = {
+            "_id": record_id,
+            "version": crypto.FORMAT_VERSION,
+            "kdf": {"n": params.n, "r": params.r, "p": params.p},
+            "salt": salt,
+            "wrapped_key": crypto.wrap_data_key(kek, data_key, record_id),
+            "created_at": now,
+            "expires_at": expires_at,
+            "attempts_left": settings.max_passphrase_attempts,
+            "size": len(plaintext),
+        }
+        await self._store(record, cipher, plaintext)
+
+        self.set_header("Location", f"/secrets/{key_text}")
+        self.write_json(
+            201, {"secret_key": key_text, "expires_at": format_time(expires_at), "ttl": ttl}
+        )
+        log.info("secret stored ref=%s size=%d ttl=%d", self.record_ref, len(plaintext), ttl)
+
+    async def _store(
+        self, record: SecretRecord, cipher: crypto.PayloadCipher, plaintext: bytes
+    ) -> None:
+        """Write the payload (GridFS first when large), then the record."""
+        store = self.services.store
+        if len(plaintext) <= self.services.settings.inline_secret_bytes:
+            record["chunks"] = await _maybe_in_thread(cipher.seal_all, plaintext)
+            await store.insert(record)
+            return
+
+        chunks = _seal_chunks(cipher, plaintext)
+        file_id = await store.upload(record["_id"], record["expires_at"], chunks)
+        record["file_id"] = file_id
+        try:
+            await store.insert(record)
+        except BaseException:
+            # No record points at the file, so nobody could ever read it;
+            # delete it now instead of waiting for the purge of orphans.
+            await _delete_quietly(self.services, file_id)
+            raise
+
+
+class SecretHandler(JsonBodyHandler):
+    """`POST /secrets/{secret_key}`: return the secret once to the right passphrase."""
+
+    route = "/secrets/{key}"
+    allowed_methods = ("POST",)
+
+    async def post(self, key_text: str) -> None:
+        """Check the passphrase, claim the record and send the secret."""
+        request = await self.load_body(ReadRequest())
+        key = crypto.parse_secret_key(key_text)
+        if key is None:
+            raise NotFound()
+        record_id = crypto.record_id(key)
+        self.record_ref = self.services.record_ref(record_id)
+        store = self.services.store
+        now = self.services.clock()
+
+        record = await store.find_live(record_id, now)
+        if record is None:
+            raise NotFound()
+        params = self._stored_params(record)
+        passphrase = request["passphrase"].reveal().encode("utf-8")
+        pool = self.services.kdf_pool
+        async with pool.admission():
+            # The attempt is used before scrypt runs, so parallel guesses can
+            # never exceed the budget.
+            attempts_left = await store.reserve_attempt(record_id, now)
+            if attempts_left is None:
+                raise NotFound()
+            kek = await pool.run(crypto.derive_kek, passphrase, key, record["salt"], params)
+
+        try:
+            data_key = crypto.unwrap_data_key(kek, record["wrapped_key"], record_id)
+        except crypto.DecryptionError:
+            await self._wrong_passphrase(record, attempts_left)
+            raise WrongPassphrase(attempts_left) from None
+
+        # One atomic find_one_and_delete: of all the readers that got this
+        # far, only the one that deletes the record sends the secret.
+        claimed = await store.claim(record_id)
+        if claimed is None:
+            raise NotFound()
+        cipher = crypto.PayloadCipher(data_key, record_id, claimed["size"])
+        if "file_id" in claimed:
+            await self._stream(claimed, cipher)
+        else:
+            await self._send_inline(claimed, cipher)
+
+    def _stored_params(self, record: SecretRecord) -> crypto.KdfParams:
+        """Read the record's KDF parameters, refusing values above the ceiling."""
+        stored = record["kdf"]
+        params = crypto.KdfParams(n=stored["n"], r=stored["r"], p=stored["p"])
+        try:
+            if record["version"] != crypto.FORMAT_VERSION:
+                raise ValueError(f"unknown format version {record['version']}")
+            crypto.check_stored_kdf_params(params)
+        except ValueError as error:
+            log.error("unreadable record ref=%s: %s", self.record_ref, error)
+            raise NotFound() from None
+        return params
+
+    async def _wrong_passphrase(self, record: SecretRecord, attempts_left: int) -> None:
+        if attempts_left > 0:
+            log.info("wrong passphrase ref=%s attempts_left=%d", self.record_ref, attempts_left)
+            return
+        await self.services.store.destroy(record["_id"], record.get("file_id"))
+        log.info("secret destroyed after too many wrong passphrases ref=%s", self.record_ref)
+
+    async def _send_inline(self, record: SecretRecord, cipher: crypto.PayloadCipher) -> None:
+        try:
+            plaintext = await _maybe_in_thread(cipher.open_all, record.get("chunks", []))
+        except crypto.DecryptionError:
+            log.error("stored payload failed authentication ref=%s", self.record_ref)
+            raise NotFound() from None
+        text = plaintext.decode("utf-8")
+        self.write_json(200, {"secret": text})
+        log.info("secret read ref=%s", self.record_ref)
+
+    async def _stream(self, record: SecretRecord, cipher: crypto.PayloadCipher) -> None:
+        """Decrypt a GridFS payload chunk by chunk and send it as it comes.
+
+        The first chunk is verified before the status line goes out, so a
+        payload damaged at its start answers 404. Damage found later can only
+        cut the connection: the client sees a truncated transfer, never a
+        complete 200. The file is deleted afterwards whatever happens.
+        """
+        file_id = record["file_id"]
+        try:
+            await self._send_chunks(file_id, cipher)
+        finally:
+            await _delete_quietly(self.services, file_id)
+
+    async def _send_chunks(self, file_id: Any, cipher: crypto.PayloadCipher) -> None:
+        store = self.services.store
+        stream = await store.open_payload(file_id)
+        if stream is None:
+            log.error("payload file is missing ref=%s", self.record_ref)
+            raise NotFound()
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        started = False
+        try:
+            for index in range(cipher.chunks):
+                sealed = await store.read_payload(stream, crypto.CIPHER_CHUNK_BYTES)
+                plain = await run_cpu(cipher.open, index, sealed)
+                last = index == cipher.chunks - 1
+                piece = json.dumps(decoder.decode(plain, final=last), ensure_ascii=False)[1:-1]
+                if not started:
+                    self.set_status(200)
+                    self.set_header("Content-Type", "application/json")
+                    self.write('{"secret": "')
+                    started = True
+                self.write(piece)
+                await self.flush()
+            if await store.read_payload(stream, 1):
+                raise crypto.DecryptionError("payload is longer than its chunks")
+        except crypto.DecryptionError:
+            log.error("stored payload failed authentication ref=%s", self.record_ref)
+            if not started:
+                raise NotFound() from None
+            self._abort_response()
+            return
+        except ServiceUnavailable:
+            if not started:
+                raise
+            log.error("database failed while streaming ref=%s", self.record_ref)
+            self._abort_response()
+            return
+        except StreamClosedError:
+            log.info("client disconnected while reading ref=%s", self.record_ref)
+            return
+        self.finish('"}')
+        log.info("secret read ref=%s size=%d", self.record_ref, cipher.chunks)
+
+    def _abort_response(self) -> None:
+        """Drop the connection mid-response so the partial body cannot pass as complete."""
+        connection = self.request.connection
+        if connection is not None:
+            connection.close()  # type: ignore[attr-defined]
+        self._finished = True
+
+
+class HealthHandler(RequestHandler):
+    """`GET /healthz`: the process is up; checks no dependency."""
+
+    def get(self) -> None:
+        """Answer 200 while the event loop runs."""
+        self.write({"status": "ok"})
+
+
+class ReadyHandler(RequestHandler):
+    """`GET /readyz`: 200 when the database answers a ping, 503 otherwise or while stopping."""
+
+    services: Services
+
+    def initialize(self, services: Services) -> None:
+        """Receive the application's shared services."""
+        self.services = services
+
+    async def get(self) -> None:
+        """Ping the database within its deadline."""
+        ready = not self.services.shutting_down
+        if ready:
+            try:
+                await self.services.store.ping()
+            except ServiceUnavailable:
+                ready = False
+        self.set_status(200 if ready else 503)
+        if not ready:
+            self.set_header("Retry-After", "5")
+        self.write({"status": "ready" if ready else "unavailable"})
+
+
+class ProblemTypeHandler(ApiHandler):
+    """`GET /problems/{name}`: describe a problem type, so its `type` URI resolves."""
+
+    route = "/problems/{name}"
+    allowed_methods = ("GET",)
+
+    def get(self, *args: str) -> None:
+        """Return the title, status and description of one problem type."""
+        for problem in PROBLEM_CLASSES:
+            if problem.name == args[0]:
+                self.set_header("Content-Type", "application/json")
+                self.finish(
+                    {
+                        "type": problem.type_uri(),
+                        "title": problem.title,
+                        "status": problem.status,
+                        "description": problem.description,
+                    }
+                )
+                return
+        raise NotFound()
+
+    head = put = patch = delete = options = post = ApiHandler.get
+
+
+async def _encode(text: str) -> bytes:
+    if len(text) > LOOP_CRYPTO_BYTES:
+        return await run_cpu(text.encode, "utf-8")
+    return text.encode("utf-8")
+
+
+async def _maybe_in_thread(function: Any, value: Any) -> Any:
+    if len(value) > LOOP_CRYPTO_BYTES:
+        return await run_cpu(function, value)
+    return function(value)
+
+
+async def _seal_chunks(cipher: crypto.PayloadCipher, plaintext: bytes) -> AsyncIterator[bytes]:
+    step = crypto.PLAIN_CHUNK_BYTES
+    for index in range(cipher.chunks):
+        yield await run_cpu(cipher.seal, index, plaintext[index * step : (index + 1) * step])
+
+
+async def _delete_quietly(services: Services, file_id: Any) -> None:
+    try:
+        await services.store.delete_file(file_id)
+    except ServiceUnavailable:
+        # The purge job removes files whose record is gone.
+        log.warning("could not delete a payload file; the purge job will")
+
+
+__all__ = [
+    "GenerateHandler",
+    "HealthHandler",
+    "ProblemTypeHandler",
+    "ReadyHandler",
+    "SecretHandler",
+]
