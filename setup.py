@@ -29,6 +29,8 @@ setup(
             # pytest-tornado 0.8.1 warns that pytest 10 drops its hook style.
             "pytest>=8,<10",
             "pytest-tornado>=0.8.1,<0.9",
+            # pytest-tornado imports pkg_resources, which setuptools 82 removed.
+            "setuptools>=65,<82",
             "coverage[toml]>=7.6,<8",
             "mongomock>=4.3,<5",
             "mockupdb>=1.8.1,<2",
