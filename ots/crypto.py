@@ -87,7 +87,8 @@ class KdfParams:
         return 128 * self.n * self.r
 
 
-# OWASP Password Storage Cheat Sheet: scrypt with N=2^17, r=8, p=1 (128 MiB).
+# 128 MiB and about a third of a second of one core per derivation; raise N
+# (stored per record) as hardware gets faster.
 DEFAULT_KDF: Final = KdfParams(n=2**17, r=8, p=1)
 MIN_KDF_N: Final = 2**14
 # Ceiling for parameters read back from a record: a tampered record must not
@@ -172,8 +173,8 @@ def derive_kek(passphrase: bytes, secret_key: bytes, salt: bytes, params: KdfPar
 
 def wrap_data_key(kek: bytes, data_key: bytes, record: str) -> bytes:
     """Seal the data key under the KEK; return nonce followed by ciphertext."""
-    # Each KEK is unique to one record (fresh salt), and a random 96-bit nonce
-    # is used with it exactly once.
+    # A fresh salt makes each KEK unique to one record, and this is the only
+    # encryption under it, so a random nonce cannot repeat.
     nonce = os.urandom(NONCE_BYTES)
     return nonce + AESGCM(kek).encrypt(nonce, data_key, _wrap_aad(record))
 
@@ -203,6 +204,7 @@ class PayloadCipher:
     def __init__(self, data_key: bytes, record: str, plaintext_size: int) -> None:
         self._aead = AESGCM(data_key)
         self._record = bytes.fromhex(record)
+        self._size = plaintext_size
         self.chunks = chunk_count(plaintext_size)
 
     def seal(self, index: int, plaintext: bytes) -> bytes:
@@ -213,13 +215,19 @@ class PayloadCipher:
         """Decrypt chunk `index`.
 
         Raises:
-            DecryptionError: the chunk was altered, moved or is not at `index`.
+            DecryptionError: the chunk was altered, moved or is not at `index`,
+                or its length does not match the plaintext size.
 
         """
         try:
-            return self._aead.decrypt(_chunk_nonce(index), sealed, self._aad(index))
+            plaintext = self._aead.decrypt(_chunk_nonce(index), sealed, self._aad(index))
         except (InvalidTag, ValueError):
             raise DecryptionError("payload chunk failed authentication") from None
+        # The size is stored beside the chunks, not inside them, so a changed
+        # size that keeps the chunk count would otherwise go unnoticed.
+        if len(plaintext) != self._plain_length(index):
+            raise DecryptionError("payload chunk does not match the stored size")
+        return plaintext
 
     def seal_all(self, plaintext: bytes) -> list[bytes]:
         """Encrypt a whole plaintext into its list of sealed chunks."""
@@ -241,6 +249,11 @@ class PayloadCipher:
             raise DecryptionError("payload has the wrong number of chunks")
         return b"".join(self.open(index, chunk) for index, chunk in enumerate(sealed_chunks))
 
+    def _plain_length(self, index: int) -> int:
+        if index < self.chunks - 1:
+            return PLAIN_CHUNK_BYTES
+        return self._size - (self.chunks - 1) * PLAIN_CHUNK_BYTES
+
     def _aad(self, index: int) -> bytes:
         last = b"\x01" if index == self.chunks - 1 else b"\x00"
         version = FORMAT_VERSION.to_bytes(1, "big")
@@ -249,8 +262,7 @@ class PayloadCipher:
 
 def _chunk_nonce(index: int) -> bytes:
     # The data key is fresh for every record and each chunk index is sealed
-    # once, so a counter nonce never repeats under one key (NIST SP 800-38D,
-    # 8.2.1, deterministic construction).
+    # once, so a counter nonce never repeats under one key.
     return index.to_bytes(NONCE_BYTES, "big")
 
 

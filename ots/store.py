@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Final, NotRequired, TypedDict, TypeVar
 
 from bson import ObjectId
 from gridfs import AsyncGridFSBucket, NoFile
-from gridfs.asynchronous.grid_file import AsyncGridOut
 from pymongo import AsyncMongoClient, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
@@ -89,9 +89,12 @@ class SecretStore:
         await _guard(
             "create indexes", self.secrets.create_index("expires_at", expireAfterSeconds=0)
         )
+        await _guard("create indexes", self._files.create_index("metadata.expires_at"))
+        # The index GridFS drivers create themselves; uploads here bypass the
+        # driver's upload stream, so it is created here.
         await _guard(
             "create indexes",
-            self.database[f"{BUCKET}.files"].create_index("metadata.expires_at"),
+            self._chunks.create_index([("files_id", 1), ("n", 1)], unique=True),
         )
 
     async def ping(self) -> None:
@@ -157,34 +160,50 @@ class SecretStore:
     ) -> ObjectId:
         """Store sealed chunks as a GridFS file and return its id.
 
-        A failed upload is aborted, which removes the chunks it wrote.
+        Each chunk is inserted as it comes and the files document last, so
+        memory stays at one chunk whatever the payload size. (PyMongo 4.20's
+        upload stream buffers up to 48 MB of chunks before its first insert.)
+        A failed upload deletes the chunks it wrote.
+
+        Raises:
+            ServiceUnavailable: an insert failed or timed out.
+
         """
-        stream = self.bucket.open_upload_stream(
-            record_id, metadata={"record_id": record_id, "expires_at": expires_at}
-        )
+        file_id = ObjectId()
+        length = 0
+        index = 0
         try:
             async for chunk in chunks:
-                await stream.write(chunk)
-            await stream.close()
-        except PyMongoError as error:
-            await _abort_quietly(stream.abort)
-            raise _unavailable("upload", error) from None
+                document = {"files_id": file_id, "n": index, "data": chunk}
+                await _guard("upload", self._chunks.insert_one(document))
+                length += len(chunk)
+                index += 1
+            files_document = {
+                "_id": file_id,
+                "length": length,
+                "chunkSize": CIPHER_CHUNK_BYTES,
+                "uploadDate": datetime.datetime.now(datetime.UTC),
+                "filename": record_id,
+                "metadata": {"record_id": record_id, "expires_at": expires_at},
+            }
+            await _guard("upload", self._files.insert_one(files_document))
         except BaseException:
-            await _abort_quietly(stream.abort)
+            await _discard_quietly(self._chunks, file_id)
             raise
-        file_id: ObjectId = stream._id
         return file_id
 
-    async def open_payload(self, file_id: ObjectId) -> AsyncGridOut | None:
-        """Open a payload file for reading, or return None if it is gone."""
-        try:
-            return await _guard("open payload", self.bucket.open_download_stream(file_id))
-        except NoFile:
-            return None
+    async def read_chunk(self, file_id: ObjectId, index: int) -> bytes | None:
+        """Return chunk `index` of a payload file, or None if it does not exist.
 
-    async def read_payload(self, stream: AsyncGridOut, size: int) -> bytes:
-        """Read up to `size` bytes from an open payload file."""
-        return await _guard("read payload", stream.read(size))
+        One query per chunk keeps memory at one chunk; a GridFS download
+        cursor would fetch up to 16 MiB of chunks per reply.
+        """
+        document = await _guard(
+            "read payload", self._chunks.find_one({"files_id": file_id, "n": index})
+        )
+        if document is None:
+            return None
+        return bytes(document["data"])
 
     async def delete_file(self, file_id: ObjectId) -> None:
         """Delete a payload file and its chunks; a missing file is not an error."""
@@ -192,6 +211,144 @@ class SecretStore:
             await _guard("delete payload", self.bucket.delete(file_id))
         except NoFile:
             pass
+
+    # The methods below serve `ots.purge`. Each one is idempotent, so several
+    # replicas can run them at the same time, and each takes a `limit` so one
+    # call stays bounded however large the backlog is.
+
+    async def delete_expired_records(self, now: datetime.datetime, limit: int) -> int:
+        """Delete up to `limit` records whose `expires_at` is at or before `now`.
+
+        Returns:
+            The number of records this call deleted.
+
+        Raises:
+            ServiceUnavailable: the database failed or timed out.
+
+        """
+        expired = {"expires_at": {"$lte": now}}
+        documents = await _guard(
+            "find expired records",
+            self.secrets.find(expired, projection={"_id": True}, limit=limit).to_list(),
+        )
+        if not documents:
+            return 0
+        ids = [document["_id"] for document in documents]
+        result = await _guard(
+            "delete expired records", self.secrets.delete_many({"_id": {"$in": ids}, **expired})
+        )
+        return result.deleted_count
+
+    async def find_expired_files(self, before: datetime.datetime, limit: int) -> list[ObjectId]:
+        """Return the ids of up to `limit` payload files that expired at or before `before`."""
+        documents = await _guard(
+            "find expired files",
+            self._files.find(
+                {"metadata.expires_at": {"$lte": before}}, projection={"_id": True}, limit=limit
+            ).to_list(),
+        )
+        return [document["_id"] for document in documents]
+
+    async def find_orphan_files(
+        self, uploaded_before: datetime.datetime, limit: int
+    ) -> list[dict[str, Any]]:
+        """Return up to `limit` payload files, uploaded before `uploaded_before`, without a record.
+
+        Each item has `_id` and, once `mark_orphan_files` has marked the
+        file, `metadata.orphaned_at`.
+        """
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"uploadDate": {"$lte": uploaded_before}}},
+            {
+                "$lookup": {
+                    "from": SECRETS,
+                    "localField": "metadata.record_id",
+                    "foreignField": "_id",
+                    "as": "records",
+                }
+            },
+            {"$match": {"records": {"$size": 0}}},
+            {"$limit": limit},
+            {"$project": {"_id": True, "metadata.orphaned_at": True}},
+        ]
+        return await _guard("find orphan files", _aggregate(self._files, pipeline))
+
+    async def mark_orphan_files(self, file_ids: list[ObjectId], now: datetime.datetime) -> None:
+        """Set `metadata.orphaned_at` to `now` on the files that do not have it yet."""
+        await _guard(
+            "mark orphan files",
+            self._files.update_many(
+                {"_id": {"$in": file_ids}, "metadata.orphaned_at": {"$exists": False}},
+                {"$set": {"metadata.orphaned_at": now}},
+            ),
+        )
+
+    async def delete_files(self, file_ids: list[ObjectId]) -> int:
+        """Delete payload files and their chunks; return how many files this call deleted."""
+        if not file_ids:
+            return 0
+        # The file documents go first, as in GridFS's own delete: if the chunk
+        # delete fails, the chunks are left without a file and a later purge
+        # of orphan chunks removes them.
+        result = await _guard("delete files", self._files.delete_many({"_id": {"$in": file_ids}}))
+        await _guard("delete chunks", self._chunks.delete_many({"files_id": {"$in": file_ids}}))
+        return result.deleted_count
+
+    async def find_orphan_chunk_owners(self, limit: int) -> list[Any]:
+        """Return up to `limit` `files_id` values of chunks whose file document does not exist.
+
+        An upload in progress has such chunks too: GridFS writes the file
+        document after the last chunk. `delete_orphan_chunks` applies the age
+        limit that spares them.
+        """
+        pipeline: list[dict[str, Any]] = [
+            {"$sort": {"files_id": 1}},
+            {"$group": {"_id": "$files_id"}},
+            {
+                "$lookup": {
+                    "from": f"{BUCKET}.files",
+                    "localField": "_id",
+                    "foreignField": "_id",
+                    "as": "files",
+                }
+            },
+            {"$match": {"files": {"$size": 0}}},
+            {"$limit": limit},
+        ]
+        groups = await _guard("find orphan chunks", _aggregate(self._chunks, pipeline))
+        return [group["_id"] for group in groups]
+
+    async def delete_orphan_chunks(self, files_ids: list[Any], written_before: ObjectId) -> int:
+        """Delete the chunks of `files_ids` whose `_id` is older than `written_before`.
+
+        The driver creates each chunk's ObjectId `_id` as it writes the chunk,
+        so the id carries the time of the write (to the second, by the
+        writer's clock). Returns the number of chunks deleted.
+        """
+        if not files_ids:
+            return 0
+        result = await _guard(
+            "delete orphan chunks",
+            self._chunks.delete_many(
+                {"files_id": {"$in": files_ids}, "_id": {"$lt": written_before}}
+            ),
+        )
+        return result.deleted_count
+
+    @property
+    def _files(self) -> AsyncCollection[dict[str, Any]]:
+        return self.database[f"{BUCKET}.files"]
+
+    @property
+    def _chunks(self) -> AsyncCollection[dict[str, Any]]:
+        return self.database[f"{BUCKET}.chunks"]
+
+
+async def _aggregate(
+    collection: AsyncCollection[dict[str, Any]], pipeline: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    cursor = await collection.aggregate(pipeline)
+    return await cursor.to_list()
 
 
 async def _guard(operation: str, call: Awaitable[T]) -> T:
@@ -212,12 +369,12 @@ def _unavailable(operation: str, error: PyMongoError) -> ServiceUnavailable:
     )
 
 
-async def _abort_quietly(abort: Callable[[], Awaitable[None]]) -> None:
+async def _discard_quietly(chunks: AsyncCollection[dict[str, Any]], file_id: ObjectId) -> None:
     try:
-        await abort()
+        await chunks.delete_many({"files_id": file_id})
     except PyMongoError as error:
         # The chunks stay behind; the purge job removes chunks without a file.
-        log.warning("could not abort a failed upload: %s", type(error).__name__)
+        log.warning("could not delete the chunks of a failed upload: %s", type(error).__name__)
 
 
 def _as_record(document: dict[str, Any] | None) -> SecretRecord | None:

@@ -15,6 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
+import os
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, ParamSpec, TypeVar
@@ -26,6 +30,8 @@ R = TypeVar("R")
 
 BUSY_RETRY_AFTER_SECONDS: Final = 1
 
+log = logging.getLogger("ots.app")
+
 
 class KdfPool:
     """A bounded pool for key derivations with non-blocking admission."""
@@ -35,7 +41,9 @@ class KdfPool:
         self.capacity = workers + queue_size
         self.admitted = 0
         self.rejected = 0
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ots-kdf")
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="ots-kdf", initializer=_lower_priority
+        )
 
     @contextlib.asynccontextmanager
     async def admission(self) -> AsyncIterator[None]:
@@ -69,6 +77,22 @@ class KdfPool:
     def shutdown(self) -> None:
         """Stop the workers after the derivations already submitted."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# Niceness of KDF threads: when every core is busy with scrypt, the scheduler
+# still prefers the event loop thread, so cheap requests keep low latency.
+KDF_THREAD_NICENESS: Final = 10
+
+
+def _lower_priority() -> None:
+    """Lower the scheduling priority of the calling KDF thread (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        # On Linux, PRIO_PROCESS with a thread id sets that thread alone.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), KDF_THREAD_NICENESS)
+    except OSError as error:
+        log.warning("could not lower the priority of a KDF thread: %s", error)
 
 
 async def run_cpu(function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:

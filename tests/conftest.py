@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import json
 import logging
@@ -54,6 +55,9 @@ class Recorder:
 
     def __init__(self) -> None:
         self.values: set[str] = set()
+        # Encodings are computed once per value, because the sweep checks
+        # thousands of log lines and a secret of several MiB is slow to encode.
+        self._encodings: dict[str, list[tuple[str, bytes]]] = {}
 
     def add(self, value: str) -> None:
         if len(value) >= 6:
@@ -62,16 +66,24 @@ class Recorder:
     def needles(self) -> Iterator[tuple[str, bytes]]:
         """Yield (form, bytes) for each value: raw, base64, hex and percent-encoded."""
         for value in self.values:
-            raw = value.encode("utf-8")
-            yield "raw", raw
-            yield "base64", base64.b64encode(raw).rstrip(b"=")
-            yield "base64url", base64.urlsafe_b64encode(raw).rstrip(b"=")
-            yield "hex", raw.hex().encode("ascii")
-            yield "percent", urllib.parse.quote(value, safe="").encode("ascii")
+            if value not in self._encodings:
+                self._encodings[value] = _encodings(value)
+            yield from self._encodings[value]
 
     def hits(self, haystack: bytes) -> list[str]:
         """Return the forms (never the values) of recorded strings found in `haystack`."""
         return [form for form, needle in self.needles() if needle in haystack]
+
+
+def _encodings(value: str) -> list[tuple[str, bytes]]:
+    raw = value.encode("utf-8")
+    return [
+        ("raw", raw),
+        ("base64", base64.b64encode(raw).rstrip(b"=")),
+        ("base64url", base64.urlsafe_b64encode(raw).rstrip(b"=")),
+        ("hex", raw.hex().encode("ascii")),
+        ("percent", urllib.parse.quote(value, safe="").encode("ascii")),
+    ]
 
 
 RECORDER = Recorder()
@@ -104,9 +116,50 @@ def io_loop() -> Iterator[tornado.ioloop.IOLoop]:
     asyncio.set_event_loop(None)
 
 
+# Output that is not a log record of this process, for `secrecy_sweep`: the
+# stderr of services run as child processes and dumps of the database.
+SWEEP_SOURCES: list[tuple[str, bytes]] = []
+SEPARATOR = b"\xff"
+
+
+def add_to_sweep(kind: str, data: bytes) -> None:
+    """Have `secrecy_sweep` scan `data` (a database dump, a child's stderr) at session end."""
+    SWEEP_SOURCES.append((kind, data))
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Drop the DEBUG records of the loggers `names` (a driver's or a client's) for a while."""
+    loggers = [logging.getLogger(name) for name in names]
+    previous = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, previous, strict=True):
+            logger.setLevel(level)
+
+
+def report(config: pytest.Config, *lines: str) -> None:
+    """Write lines to the terminal, past output capture, for figures a run should show."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        reporter.write_line("")
+        for line in lines:
+            reporter.write_line(line)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def secrecy_sweep() -> Iterator[_CaptureAll]:
-    """Capture every log record of the session; fail if any contains a recorded secret."""
+def secrecy_sweep(pytestconfig: pytest.Config) -> Iterator[_CaptureAll]:
+    """Capture every log record of the session; fail if any contains a recorded secret.
+
+    At the end it also scans what tests handed to `add_to_sweep`, and
+    reports how much it scanned and how many hits it found (never the values).
+    """
     handler = _CaptureAll()
     root = logging.getLogger()
     root.addHandler(handler)
@@ -115,8 +168,26 @@ def secrecy_sweep() -> Iterator[_CaptureAll]:
     yield handler
     root.removeHandler(handler)
     root.setLevel(previous)
-    leaks = [form for line in handler.lines for form in RECORDER.hits(line.encode("utf-8"))]
-    assert not leaks, f"{len(leaks)} log lines contain recorded secret material: {set(leaks)}"
+    # Each kind of output is joined into one haystack, so every needle is
+    # searched once instead of once per line. No needle (UTF-8 text, base64,
+    # hex or percent-encoding) contains the byte 0xFF, so a match cannot span
+    # two joined pieces.
+    log_text = SEPARATOR.join(line.encode("utf-8") for line in handler.lines)
+    leaks = RECORDER.hits(log_text)
+    summary = [
+        f"secrecy sweep: {len(RECORDER.values)} recorded values in 5 encodings; "
+        f"log records: {len(handler.lines)} scanned, {len(log_text)} bytes: {len(leaks)} hits"
+    ]
+    other_leaks: list[tuple[str, str]] = []
+    for kind in sorted({kind for kind, _ in SWEEP_SOURCES}):
+        pieces = [data for source, data in SWEEP_SOURCES if source == kind]
+        haystack = SEPARATOR.join(pieces)
+        hits = RECORDER.hits(haystack)
+        other_leaks.extend((kind, form) for form in hits)
+        summary.append(f"  {kind}: {len(pieces)} scanned, {len(haystack)} bytes: {len(hits)} hits")
+    report(pytestconfig, *summary)
+    assert not leaks, f"log records contain recorded secret material: {set(leaks)}"
+    assert not other_leaks, f"recorded secret material found in: {set(other_leaks)}"
 
 
 @pytest.fixture
@@ -141,6 +212,7 @@ def test_server(mongo_server: MongoTestServer | None) -> Iterator[MongoTestServe
     if mongo_server is None:
         pytest.skip("fault injection needs the MongoDB test server, not MONGO_URI")
     yield mongo_server
+    mongo_server.set_down(False)
     mongo_server.reset_faults()
 
 
@@ -204,11 +276,20 @@ def settings(mongo_uri: str, database_name: str, request: pytest.FixtureRequest)
 
 
 @pytest.fixture
-def store(io_loop: tornado.ioloop.IOLoop, settings: Settings) -> Iterator[SecretStore]:
+def store(
+    io_loop: tornado.ioloop.IOLoop, settings: Settings, mongo_server: MongoTestServer | None
+) -> Iterator[SecretStore]:
     """A store on a fresh client bound to this test's event loop; data is wiped afterwards."""
     client = make_client(settings)
     database = client[settings.mongo_database]
     yield SecretStore(database)
+
+    if mongo_server is not None:
+        # A fault test may leave the server down or slow. PyMongo 4.20 leaks
+        # a monitor socket when a client closes while its server is
+        # unreachable, so the server comes back before the client closes.
+        mongo_server.set_down(False)
+        mongo_server.reset_faults()
 
     async def wipe() -> None:
         for name in await database.list_collection_names():
