@@ -10,14 +10,17 @@ from typing import Any
 
 import tornado.web
 
-from ots.base import ApiHandler, NotFoundHandler, Services
+from ots.base import ApiHandler, BaseHandler, NotFoundHandler, Services
 from ots.handlers import (
     GenerateHandler,
     HealthHandler,
+    MetricsHandler,
     ProblemTypeHandler,
     ReadyHandler,
     SecretHandler,
 )
+from ots.openapi import OpenApiHandler, build_document, encode_document
+from ots.ratelimit import RateLimiter
 from ots.settings import Settings
 from ots.store import SecretStore
 from ots.workers import KdfPool
@@ -52,6 +55,7 @@ def make_app(
         kdf_pool=kdf_pool or KdfPool(settings.kdf_workers, settings.kdf_queue_size),
         clock=clock,
         log_key=secrets.token_bytes(32),
+        rate_limiter=RateLimiter.for_settings(settings, store.database, clock),
     )
     routes: list[Any] = [
         (r"/generate", GenerateHandler, {"services": services}),
@@ -60,6 +64,15 @@ def make_app(
         (r"/readyz", ReadyHandler, {"services": services}),
         (r"/problems/([a-z-]+)", ProblemTypeHandler, {"services": services}),
     ]
+    # With METRICS_PORT set, `make_metrics_app` serves /metrics on its own listener.
+    metrics_here = settings.metrics_enabled and settings.metrics_port is None
+    if metrics_here:
+        routes.append((r"/metrics", MetricsHandler, {"services": services}))
+    document = encode_document(build_document(settings, metrics=metrics_here))
+    routes.append(
+        (r"/openapi\.json", OpenApiHandler, {"services": services, "document": document})
+    )
+    services.metrics.watch_kdf_pool(services.kdf_pool)
     application = tornado.web.Application(
         routes,
         default_handler_class=NotFoundHandler,
@@ -78,26 +91,57 @@ def services_of(application: tornado.web.Application) -> Services:
     return services
 
 
-def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Write the access line: method, route pattern, record ref, status, duration.
+def make_metrics_app(application: tornado.web.Application) -> tornado.web.Application:
+    """Build the application that serves `GET /metrics` of `application` on a port of its own.
 
-    The raw path is never logged, because it contains the secret key.
+    Requests to any other path get 404. Its requests are counted in the same registry.
+    """
+    services = services_of(application)
+    metrics_app = tornado.web.Application(
+        [(r"/metrics", MetricsHandler, {"services": services})],
+        default_handler_class=NotFoundHandler,
+        default_handler_args={"services": services},
+        log_function=log_request,
+        compress_response=False,
+        xheaders=False,
+    )
+    metrics_app.settings["ots_services"] = services
+    return metrics_app
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Write the access line and count the request in the metrics.
+
+    The line shows method, route pattern, record ref, status and duration;
+    with LOG_FORMAT=json they are also separate fields. The raw path is never
+    logged, because it contains the secret key.
     """
     status = handler.get_status()
-    route = handler.route if isinstance(handler, ApiHandler) else handler.request.path
+    route = handler.route if isinstance(handler, BaseHandler) else "-"
     ref = handler.record_ref if isinstance(handler, ApiHandler) else None
+    method = handler.request.method or "-"
+    seconds = handler.request.request_time()
+    services_of(handler.application).metrics.observe_request(method, route, status, seconds)
     if status < 400:
         level = logging.INFO
     elif status < 500:
         level = logging.WARNING if status == 429 else logging.INFO
     else:
         level = logging.ERROR
+    duration_ms = round(1000.0 * seconds, 1)
     access_log.log(
         level,
         "%s %s %d %.1fms ref=%s",
-        handler.request.method,
+        method,
         route,
         status,
-        1000.0 * handler.request.request_time(),
+        duration_ms,
         ref or "-",
+        extra={
+            "method": method,
+            "route": route,
+            "status": status,
+            "duration_ms": duration_ms,
+            "ref": ref,
+        },
     )

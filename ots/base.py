@@ -13,13 +13,15 @@ import datetime
 import hashlib
 import hmac
 import json
-import re
 import logging
+import re
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from marshmallow import Schema, ValidationError
-from tornado.web import HTTPError, RequestHandler, stream_request_body
+from tornado.httputil import HTTPServerRequest
+from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
 
 from ots.body import parse_json_object
 from ots.errors import (
@@ -33,12 +35,15 @@ from ots.errors import (
     UnsupportedMediaType,
     ValidationFailed,
 )
+from ots.logs import REQUEST_ID_HEADER, accept_request_id, bind_request_id
+from ots.metrics import Metrics
 from ots.settings import Settings
 from ots.workers import KdfPool, run_cpu
 
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from ots.ratelimit import RateLimiter
     from ots.store import SecretStore
 
 app_log = logging.getLogger("ots.app")
@@ -63,25 +68,66 @@ class Services:
     clock: Callable[[], datetime.datetime]
     log_key: bytes
     shutting_down: bool = False
+    metrics: Metrics = dataclasses.field(default_factory=Metrics)
+    # Every ApiHandler adds itself, and graceful shutdown waits for the unfinished
+    # ones. The set holds weak references, so a handler leaves it when collected.
+    requests: weakref.WeakSet[ApiHandler] = dataclasses.field(default_factory=weakref.WeakSet)
+    # Handlers that list RateLimitMixin count their requests here; None: no limit.
+    rate_limiter: RateLimiter | None = None
 
     def record_ref(self, record_id: str) -> str:
         """Short keyed hash of a record id for logs: correlates lines, reveals nothing."""
         digest = hmac.new(self.log_key, record_id.encode("ascii"), hashlib.sha256)
         return digest.hexdigest()[:12]
 
+    def unfinished_requests(self) -> list[ApiHandler]:
+        """Return the handlers whose response has not been finished yet."""
+        return [handler for handler in self.requests if not handler._finished]
 
-class ApiHandler(RequestHandler):
+
+class BaseHandler(RequestHandler):
+    """Base of every handler: a request id on the response and in each log line.
+
+    The id is the client's `X-Request-ID` when it is 1 to 64 of
+    `[A-Za-z0-9._-]`, otherwise a new random one. `route` is the pattern that
+    the access line and the metrics show in place of the raw path.
+    """
+
+    route: ClassVar[str] = "-"
+    request_id: str
+
+    def __init__(
+        self, application: Application, request: HTTPServerRequest, **kwargs: Any
+    ) -> None:
+        # Set before RequestHandler.__init__, which calls clear() and then
+        # initialize(), so the header and every log line of the request have it.
+        self.request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+        bind_request_id(self.request_id)
+        super().__init__(application, request, **kwargs)
+
+    def clear(self) -> None:
+        """Reset the response and add `X-Request-ID`, also before an error is written."""
+        super().clear()
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
+
+
+class ApiHandler(BaseHandler):
     """Base handler: problem+json errors, `Cache-Control: no-store`, safe logs."""
 
     route: ClassVar[str] = "-"
     allowed_methods: ClassVar[tuple[str, ...]] = ()
     services: Services
     record_ref: str | None
+    # Set once the handler has deleted a record to send its secret: from then
+    # on, cutting the response off loses the secret.
+    claimed_secret: bool
 
     def initialize(self, services: Services) -> None:
-        """Receive the application's shared services."""
+        """Receive the application's shared services and join its running requests."""
         self.services = services
         self.record_ref = None
+        self.claimed_secret = False
+        services.requests.add(self)
 
     def set_default_headers(self) -> None:
         """Mark every response, errors included, as not to be stored by any cache."""

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import codecs
 import datetime
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from tornado.iostream import StreamClosedError
-from tornado.web import RequestHandler
 
 from ots import crypto
-from ots.base import ApiHandler, JsonBodyHandler, Services
+from ots.base import ApiHandler, BaseHandler, JsonBodyHandler, Services
 from ots.errors import (
     PROBLEM_CLASSES,
     NotFound,
@@ -21,6 +22,7 @@ from ots.errors import (
     ServiceUnavailable,
     WrongPassphrase,
 )
+from ots.ratelimit import RateLimitMixin
 from ots.schemas import GenerateRequest, ReadRequest
 from ots.store import SecretRecord
 from ots.workers import run_cpu
@@ -37,7 +39,7 @@ def format_time(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class GenerateHandler(JsonBodyHandler):
+class GenerateHandler(RateLimitMixin, JsonBodyHandler):
     """`POST /generate`: encrypt and store a secret, return its key once."""
 
     route = "/generate"
@@ -50,8 +52,9 @@ class GenerateHandler(JsonBodyHandler):
     async def post(self) -> None:
         """Store the secret and answer 201 with its key."""
         settings = self.services.settings
-        request = await self.load_body(GenerateRequest(ttl_max=settings.secret_ttl_max))
-        plaintext = await _encode(request["secret"].reveal())
+        request = await self.load_body(_generate_schema(settings.secret_ttl_max))
+        # Drop the text as soon as it is encoded: at 32 MiB every copy counts.
+        plaintext = await _encode(request.pop("secret").reveal())
         if len(plaintext) > settings.max_secret_bytes:
             raise PayloadTooLarge(
                 f"The secret exceeds {settings.max_secret_bytes} bytes of UTF-8."
@@ -90,6 +93,7 @@ class GenerateHandler(JsonBodyHandler):
             201, {"secret_key": key_text, "expires_at": format_time(expires_at), "ttl": ttl}
         )
         log.info("secret stored ref=%s size=%d ttl=%d", self.record_ref, len(plaintext), ttl)
+        self.services.metrics.secrets_created.inc()
 
     async def _store(
         self, record: SecretRecord, cipher: crypto.PayloadCipher, plaintext: bytes
@@ -113,7 +117,7 @@ class GenerateHandler(JsonBodyHandler):
             raise
 
 
-class SecretHandler(JsonBodyHandler):
+class SecretHandler(RateLimitMixin, JsonBodyHandler):
     """`POST /secrets/{secret_key}`: return the secret once to the right passphrase."""
 
     route = "/secrets/{key}"
@@ -121,7 +125,7 @@ class SecretHandler(JsonBodyHandler):
 
     async def post(self, key_text: str) -> None:
         """Check the passphrase, claim the record and send the secret."""
-        request = await self.load_body(ReadRequest())
+        request = await self.load_body(_READ_SCHEMA)
         key = crypto.parse_secret_key(key_text)
         if key is None:
             raise NotFound()
@@ -155,6 +159,7 @@ class SecretHandler(JsonBodyHandler):
         claimed = await store.claim(record_id)
         if claimed is None:
             raise NotFound()
+        self.claimed_secret = True
         cipher = crypto.PayloadCipher(data_key, record_id, claimed["size"])
         if "file_id" in claimed:
             await self._stream(claimed, cipher)
@@ -162,24 +167,32 @@ class SecretHandler(JsonBodyHandler):
             await self._send_inline(claimed, cipher)
 
     def _stored_params(self, record: SecretRecord) -> crypto.KdfParams:
-        """Read the record's KDF parameters, refusing values above the ceiling."""
-        stored = record["kdf"]
-        params = crypto.KdfParams(n=stored["n"], r=stored["r"], p=stored["p"])
+        """Read the record's KDF parameters, refusing values above the ceiling.
+
+        A record of another format version, or with missing or mistyped KDF
+        fields, gets 404 before an attempt is used or scrypt runs.
+        """
         try:
             if record["version"] != crypto.FORMAT_VERSION:
-                raise ValueError(f"unknown format version {record['version']}")
+                raise ValueError("unknown format version")
+            stored = record["kdf"]
+            params = crypto.KdfParams(n=stored["n"], r=stored["r"], p=stored["p"])
             crypto.check_stored_kdf_params(params)
-        except ValueError as error:
-            log.error("unreadable record ref=%s: %s", self.record_ref, error)
+        except (KeyError, TypeError, ValueError) as error:
+            log.error(
+                "unreadable record ref=%s: %s: %s", self.record_ref, type(error).__name__, error
+            )
             raise NotFound() from None
         return params
 
     async def _wrong_passphrase(self, record: SecretRecord, attempts_left: int) -> None:
+        self.services.metrics.wrong_passphrases.inc()
         if attempts_left > 0:
             log.info("wrong passphrase ref=%s attempts_left=%d", self.record_ref, attempts_left)
             return
         await self.services.store.destroy(record["_id"], record.get("file_id"))
         log.info("secret destroyed after too many wrong passphrases ref=%s", self.record_ref)
+        self.services.metrics.secrets_destroyed.inc()
 
     async def _send_inline(self, record: SecretRecord, cipher: crypto.PayloadCipher) -> None:
         try:
@@ -190,6 +203,7 @@ class SecretHandler(JsonBodyHandler):
         text = plaintext.decode("utf-8")
         self.write_json(200, {"secret": text})
         log.info("secret read ref=%s", self.record_ref)
+        self.services.metrics.secrets_read.inc()
 
     async def _stream(self, record: SecretRecord, cipher: crypto.PayloadCipher) -> None:
         """Decrypt a GridFS payload chunk by chunk and send it as it comes.
@@ -207,15 +221,13 @@ class SecretHandler(JsonBodyHandler):
 
     async def _send_chunks(self, file_id: Any, cipher: crypto.PayloadCipher) -> None:
         store = self.services.store
-        stream = await store.open_payload(file_id)
-        if stream is None:
-            log.error("payload file is missing ref=%s", self.record_ref)
-            raise NotFound()
         decoder = codecs.getincrementaldecoder("utf-8")()
         started = False
         try:
             for index in range(cipher.chunks):
-                sealed = await store.read_payload(stream, crypto.CIPHER_CHUNK_BYTES)
+                sealed = await store.read_chunk(file_id, index)
+                if sealed is None:
+                    raise crypto.DecryptionError("payload chunk is missing")
                 plain = await run_cpu(cipher.open, index, sealed)
                 last = index == cipher.chunks - 1
                 piece = json.dumps(decoder.decode(plain, final=last), ensure_ascii=False)[1:-1]
@@ -226,8 +238,6 @@ class SecretHandler(JsonBodyHandler):
                     started = True
                 self.write(piece)
                 await self.flush()
-            if await store.read_payload(stream, 1):
-                raise crypto.DecryptionError("payload is longer than its chunks")
         except crypto.DecryptionError:
             log.error("stored payload failed authentication ref=%s", self.record_ref)
             if not started:
@@ -236,6 +246,8 @@ class SecretHandler(JsonBodyHandler):
             return
         except ServiceUnavailable:
             if not started:
+                # NOTE: the record is claimed already, so this 503 loses the
+                # secret: a retry after Retry-After gets 404.
                 raise
             log.error("database failed while streaming ref=%s", self.record_ref)
             self._abort_response()
@@ -245,25 +257,36 @@ class SecretHandler(JsonBodyHandler):
             return
         self.finish('"}')
         log.info("secret read ref=%s size=%d", self.record_ref, cipher.chunks)
+        self.services.metrics.secrets_read.inc()
 
     def _abort_response(self) -> None:
-        """Drop the connection mid-response so the partial body cannot pass as complete."""
-        connection = self.request.connection
-        if connection is not None:
-            connection.close()  # type: ignore[attr-defined]
-        self._finished = True
+        """Drop the connection mid-response so the partial body cannot pass as complete.
+
+        `finish` would send the zero-length chunk that ends a chunked body, so
+        the stream is detached (which marks the response finished) and closed
+        instead. The client sees a truncated transfer. `finish` also writes the
+        access line, so it is written here.
+        """
+        # NOTE: an HTTP/1.0 response has no chunked framing, so there the cut
+        # looks like the end of the body. The JSON still lacks its closing `"}`.
+        self.detach().close()
+        self.application.log_request(self)
 
 
-class HealthHandler(RequestHandler):
+class HealthHandler(BaseHandler):
     """`GET /healthz`: the process is up; checks no dependency."""
+
+    route = "/healthz"
 
     def get(self) -> None:
         """Answer 200 while the event loop runs."""
         self.write({"status": "ok"})
 
 
-class ReadyHandler(RequestHandler):
+class ReadyHandler(BaseHandler):
     """`GET /readyz`: 200 when the database answers a ping, 503 otherwise or while stopping."""
+
+    route = "/readyz"
 
     services: Services
 
@@ -310,6 +333,30 @@ class ProblemTypeHandler(ApiHandler):
     head = put = patch = delete = options = post = ApiHandler.get
 
 
+class MetricsHandler(ApiHandler):
+    """`GET /metrics`: this application's metrics in the Prometheus text format."""
+
+    route = "/metrics"
+    allowed_methods = ("GET",)
+
+    def get(self, *args: str) -> None:
+        """Render every metric of the application's registry."""
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(self.services.metrics.exposition())
+
+    head = put = patch = delete = options = post = ApiHandler.get
+
+
+# Building a marshmallow schema deep-copies its fields, which costs more than
+# validating a small body, so each schema is built once and reused.
+_READ_SCHEMA = ReadRequest()
+
+
+@functools.lru_cache(maxsize=8)
+def _generate_schema(ttl_max: int) -> GenerateRequest:
+    return GenerateRequest(ttl_max=ttl_max)
+
+
 async def _encode(text: str) -> bytes:
     if len(text) > LOOP_CRYPTO_BYTES:
         return await run_cpu(text.encode, "utf-8")
@@ -339,6 +386,7 @@ async def _delete_quietly(services: Services, file_id: Any) -> None:
 __all__ = [
     "GenerateHandler",
     "HealthHandler",
+    "MetricsHandler",
     "ProblemTypeHandler",
     "ReadyHandler",
     "SecretHandler",

@@ -9,12 +9,20 @@ from __future__ import annotations
 from typing import Any, Final
 
 import precis_i18n
-from marshmallow import RAISE, Schema, ValidationError, fields, validates
+from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validates
 
 from ots.crypto import Sensitive
 
 MAX_PASSPHRASE_CHARS: Final = 1024
 MIN_TTL_SECONDS: Final = 60
+SECRET_KEY_PATTERN: Final = "^[A-Za-z0-9_-]{43}$"  # noqa: S105 - a regular expression
+# The part of the passphrase rules that a JSON Schema pattern can state: no
+# control characters (C0, DEL, C1) and at least one character that is not a
+# space. NOTE: OpaqueString also rejects unassigned and default-ignorable code
+# points (U+200B, U+FEFF), which the pattern does not describe.
+_NOT_CONTROL: Final = r"[^\u0000-\u001F\u007F-\u009F]"
+_NOT_CONTROL_OR_SPACE: Final = r"[^\s\u0000-\u001F\u007F-\u009F]"
+PASSPHRASE_PATTERN: Final = f"^{_NOT_CONTROL}*{_NOT_CONTROL_OR_SPACE}{_NOT_CONTROL}*$"
 
 _OPAQUE_STRING = precis_i18n.get_profile("OpaqueString")
 
@@ -117,21 +125,42 @@ class GenerateRequest(_StrictSchema):
 
     secret = SecretField(
         required=True,
-        metadata={"description": "Text to share, 1 byte to the size limit of UTF-8."},
+        metadata={
+            "type": "string",
+            "minLength": 1,
+            "description": (
+                "Text to share, returned byte for byte. At most MAX_SECRET_BYTES bytes "
+                "of UTF-8 (413 above that)."
+            ),
+        },
     )
     passphrase = PassphraseField(
         required=True,
-        metadata={"description": "Needed to read the secret; 1 to 1024 characters."},
+        metadata={
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_PASSPHRASE_CHARS,
+            "pattern": PASSPHRASE_PATTERN,
+            "description": (
+                "Needed to read the secret: 1 to 1024 characters after RFC 8265 "
+                "OpaqueString preparation, not only spaces, no control characters."
+            ),
+        },
     )
     ttl = StrictInteger(
         metadata={
-            "description": "Lifetime in seconds, at least 60; absent means the server default."
+            "minimum": MIN_TTL_SECONDS,
+            "description": "Lifetime in seconds; absent means SECRET_TTL_DEFAULT.",
         }
     )
 
     def __init__(self, *, ttl_max: int = 30 * 24 * 3600, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ttl_max = ttl_max
+        # The API description reads the ceiling from the field. The metadata
+        # dict is shared with the class's field, so it is replaced, not changed.
+        ttl = self.fields["ttl"]
+        ttl.metadata = {**ttl.metadata, "maximum": ttl_max}
 
     @validates("ttl")
     def _check_ttl(self, value: int, **kwargs: Any) -> None:
@@ -143,7 +172,14 @@ class ReadRequest(_StrictSchema):
     """Body of `POST /secrets/{secret_key}`."""
 
     passphrase = PassphraseField(
-        required=True, metadata={"description": "The passphrase given when the secret was stored."}
+        required=True,
+        metadata={
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_PASSPHRASE_CHARS,
+            "pattern": PASSPHRASE_PATTERN,
+            "description": "The passphrase given when the secret was stored.",
+        },
     )
 
 
@@ -151,13 +187,25 @@ class GenerateResponse(Schema):
     """Body of a `201 Created` from `POST /generate`."""
 
     secret_key = fields.String(
-        required=True, metadata={"description": "Key for POST /secrets/{secret_key}."}
+        required=True,
+        metadata={
+            "pattern": SECRET_KEY_PATTERN,
+            "description": (
+                "256 random bits in URL-safe base64: the key for POST /secrets/{secret_key}."
+            ),
+        },
     )
     expires_at = fields.String(
         required=True,
-        metadata={"description": "RFC 3339 UTC time after which the secret is gone."},
+        metadata={
+            "format": "date-time",
+            "description": "RFC 3339 UTC time after which the secret is gone.",
+        },
     )
-    ttl = fields.Integer(required=True, metadata={"description": "Lifetime in seconds."})
+    ttl = fields.Integer(
+        required=True,
+        metadata={"minimum": MIN_TTL_SECONDS, "description": "Lifetime in seconds."},
+    )
 
 
 class ReadResponse(Schema):
@@ -166,3 +214,59 @@ class ReadResponse(Schema):
     secret = fields.String(
         required=True, metadata={"description": "The secret, exactly as stored."}
     )
+
+
+class ProblemResponse(Schema):
+    """Body of every error: RFC 9457 problem details with this service's extensions."""
+
+    class Meta:
+        """RFC 9457 lets problem types add members, so clients must accept more."""
+
+        unknown = INCLUDE
+
+    type = fields.String(
+        required=True,
+        metadata={
+            "format": "uri-reference",
+            "description": "Stable URI of the problem type; clients match on it.",
+        },
+    )
+    title = fields.String(
+        required=True, metadata={"description": "Short summary of the problem type."}
+    )
+    status = fields.Integer(
+        required=True,
+        metadata={"minimum": 400, "maximum": 599, "description": "The HTTP status code."},
+    )
+    detail = fields.String(
+        required=True,
+        metadata={"description": "What went wrong with this request; never quotes the input."},
+    )
+    attempts_left = fields.Integer(
+        metadata={
+            "minimum": 0,
+            "description": (
+                "403 only: passphrases that may still be tried before the secret is gone."
+            ),
+        }
+    )
+    errors = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        metadata={"description": "422 only: messages per field name."},
+    )
+
+
+class ProblemTypeResponse(Schema):
+    """Body of `GET /problems/{name}`: the description of one problem type."""
+
+    type = fields.String(required=True, metadata={"format": "uri-reference"})
+    title = fields.String(required=True)
+    status = fields.Integer(required=True, metadata={"minimum": 400, "maximum": 599})
+    description = fields.String(required=True)
+
+
+class StatusResponse(Schema):
+    """Body of `GET /healthz` and `GET /readyz`."""
+
+    status = fields.String(required=True, metadata={"enum": ["ok", "ready", "unavailable"]})
