@@ -6,19 +6,50 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from typing import Final
 
 import tornado.httpserver
+import tornado.netutil
+import tornado.web
 
-from ots.app import make_app, services_of
+from ots.app import make_app, make_metrics_app, services_of
+from ots.base import ApiHandler, Services
 from ots.logs import configure_logging, describe_settings
+from ots.purge import Purger
+from ots.ratelimit import ensure_rate_limit_indexes
 from ots.settings import ConfigError, Settings
 from ots.store import SecretStore, make_client
 
 log = logging.getLogger("ots.app")
 
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
-async def serve(settings: Settings) -> None:
-    """Run the service until SIGTERM or SIGINT, then shut down gracefully."""
+# How often the shutdown checks whether the running requests have finished.
+DRAIN_POLL_SECONDS: Final = 0.05
+
+
+async def serve(settings: Settings) -> int:
+    """Run the service until SIGTERM or SIGINT, then shut down gracefully.
+
+    The first signal starts the shutdown, which `drain` describes. After it
+    the purge stops, the KDF pool shuts down and the MongoDB client closes.
+    A second signal ends the wait for running requests at once.
+
+    A secret is never served twice, shutdown or not. A read deletes the
+    record in one atomic `find_one_and_delete` before it sends a byte. So a
+    read that the shutdown cuts off has used the secret up, and no other
+    request can get it.
+
+    Returns:
+        The exit status: 0 after a clean stop, 1 when the address cannot be bound.
+
+    """
+    try:
+        sockets = tornado.netutil.bind_sockets(settings.port, address=settings.host)
+    except OSError as error:
+        log.error("could not listen on %s:%d: %s", settings.host, settings.port, error.strerror)
+        return 1
     client = make_client(settings)
     store = SecretStore(client[settings.mongo_database])
     application = make_app(settings, store)
@@ -26,31 +57,147 @@ async def serve(settings: Settings) -> None:
     server = tornado.httpserver.HTTPServer(
         application, max_body_size=2 * settings.max_generate_body_bytes, xheaders=False
     )
-    server.listen(settings.port, address=settings.host)
+    # The handlers go in before the first request can arrive, so a signal is
+    # never handled by Python's default handlers once the service responds.
+    signals = StopSignals(services)
+    signals.install(asyncio.get_running_loop())
+    server.add_sockets(sockets)
     log.info("listening on %s:%d", settings.host, settings.port)
+    metrics_server = _serve_metrics(settings, application)
     indexes = asyncio.create_task(_ensure_indexes(store))
+    purger = Purger(store, services.clock, on_deleted=_count_purged(services))
+    purger.start(settings.purge_interval_seconds)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-
-    log.info("shutting down")
-    services.shutting_down = True
-    server.stop()
-    try:
-        await asyncio.wait_for(
-            server.close_all_connections(), timeout=settings.shutdown_grace_seconds
-        )
-    except TimeoutError:
-        log.warning(
-            "requests still running after %ds; stopping anyway", settings.shutdown_grace_seconds
-        )
+    await signals.first.wait()
+    log.info("received %s, shutting down", signals.received)
+    await drain(server, services, settings.shutdown_grace_seconds, cut_short=signals.second)
+    if metrics_server is not None:
+        metrics_server.stop()
+        await metrics_server.close_all_connections()
+    await purger.stop()
     indexes.cancel()
     services.kdf_pool.shutdown()
     await client.close()
     log.info("stopped")
+    return 0
+
+
+class StopSignals:
+    """SIGTERM and SIGINT as events: the first starts the shutdown, a second cuts it short."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.received: str | None = None
+        self.first = asyncio.Event()
+        self.second = asyncio.Event()
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Handle the stop signals on `loop` instead of Python's default handlers."""
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, self._handle, signum)
+
+    def _handle(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.first.is_set():
+            log.warning("received %s again; not waiting for running requests", name)
+            self.second.set()
+            return
+        # Readiness turns to 503 here, before anything else happens, so load
+        # balancers stop sending new requests as early as possible.
+        self.services.shutting_down = True
+        self.received = name
+        self.first.set()
+
+
+async def drain(
+    server: tornado.httpserver.HTTPServer,
+    services: Services,
+    grace_seconds: float,
+    *,
+    cut_short: asyncio.Event | None = None,
+) -> list[ApiHandler]:
+    """Stop taking connections and let running requests finish, for up to `grace_seconds`.
+
+    In order: `/readyz` returns 503, the listening sockets close, and the
+    requests that have started (on connections accepted earlier, including
+    ones a keep-alive connection sends during the wait) run until they
+    finish, the grace period ends or `cut_short` is set. Then every
+    connection is closed. A request still running at that point is logged
+    at WARNING by route pattern and keyed record hash, never by key.
+
+    NOTE: a request counts as finished when its response is, so work a
+    handler does after its response (deleting a streamed payload file) may
+    be cut off by the closing client; the purge removes such files later.
+
+    Returns:
+        The handlers whose requests were cut off.
+
+    """
+    services.shutting_down = True
+    server.stop()
+    running = services.unfinished_requests()
+    log.info(
+        "stopped accepting connections; waiting up to %gs for %d running requests",
+        grace_seconds,
+        len(running),
+    )
+    running = await _wait_for_requests(services, grace_seconds, cut_short)
+    for handler in running:
+        _log_cut_off(handler)
+    await server.close_all_connections()
+    return running
+
+
+async def _wait_for_requests(
+    services: Services, grace_seconds: float, cut_short: asyncio.Event | None
+) -> list[ApiHandler]:
+    """Poll until no request is running, the grace period ends or `cut_short` is set."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_seconds
+    while True:
+        running = services.unfinished_requests()
+        if not running or loop.time() >= deadline:
+            return running
+        if cut_short is not None and cut_short.is_set():
+            return running
+        await asyncio.sleep(DRAIN_POLL_SECONDS)
+
+
+def _log_cut_off(handler: ApiHandler) -> None:
+    if handler.claimed_secret:
+        # The record is gone, so the secret is lost; no other request can get it.
+        log.warning(
+            "shutdown cut off a read that had claimed its secret; the secret is lost ref=%s",
+            handler.record_ref,
+        )
+        return
+    log.warning(
+        "shutdown cut off %s %s ref=%s",
+        handler.request.method,
+        handler.route,
+        handler.record_ref or "-",
+    )
+
+
+def _serve_metrics(
+    settings: Settings, application: tornado.web.Application
+) -> tornado.httpserver.HTTPServer | None:
+    """Start the separate metrics listener when `METRICS_PORT` is set."""
+    if not settings.metrics_enabled or settings.metrics_port is None:
+        return None
+    metrics_server = tornado.httpserver.HTTPServer(make_metrics_app(application), xheaders=False)
+    metrics_server.listen(settings.metrics_port, address=settings.host)
+    log.info("serving metrics on %s:%d", settings.host, settings.metrics_port)
+    return metrics_server
+
+
+def _count_purged(services: Services) -> Callable[[str, int], None]:
+    """Return a hook that adds purge counts to the application's metrics."""
+
+    def count(kind: str, deleted: int) -> None:
+        services.metrics.purged.labels(kind=kind).inc(deleted)
+
+    return count
 
 
 async def _ensure_indexes(store: SecretStore) -> None:
@@ -59,6 +206,7 @@ async def _ensure_indexes(store: SecretStore) -> None:
     while True:
         try:
             await store.ensure_indexes()
+            await ensure_rate_limit_indexes(store.database)
         except Exception as error:  # noqa: BLE001 - retried and logged, never fatal
             log.warning(
                 "could not create indexes (%s); retrying in %.0fs", type(error).__name__, delay
@@ -78,8 +226,7 @@ def main() -> int:
         return 2
     configure_logging(settings)
     log.info("starting with %s", describe_settings(settings))
-    asyncio.run(serve(settings))
-    return 0
+    return asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":
