@@ -8,6 +8,7 @@ contains the secret key.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import hashlib
@@ -157,6 +158,15 @@ class ApiHandler(BaseHandler):
                 app_log.warning(
                     "%s %s ref=%s: %s", self.request.method, self.route, self.record_ref, message
                 )
+            return
+        if isinstance(value, asyncio.CancelledError):
+            # Shutdown cancels the work of requests its grace period cut off.
+            app_log.warning(
+                "%s %s ref=%s cancelled by shutdown",
+                self.request.method,
+                self.route,
+                self.record_ref,
+            )
             return
         app_log.error(
             "unexpected error in %s %s ref=%s",

@@ -48,10 +48,10 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         # json.loads raises a plain ValueError for an integer of more than
         # 4300 digits, the limit of Python's int conversion (CVE-2020-10735).
         raise BadRequest("The request body contains a number with too many digits.") from None
-    if not isinstance(value, dict):
-        raise BadRequest("The top level of the request body must be a JSON object.")
     if _depth(value) > MAX_DEPTH:
         _too_deep()
+    if not isinstance(value, dict):
+        raise BadRequest("The top level of the request body must be a JSON object.")
     return value
 
 

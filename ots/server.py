@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import Final
@@ -12,7 +14,9 @@ from typing import Final
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
+from pymongo.errors import PyMongoError
 
+from ots import __version__
 from ots.app import make_app, make_metrics_app, services_of
 from ots.base import ApiHandler, Services
 from ots.logs import configure_logging, describe_settings
@@ -46,11 +50,23 @@ async def serve(settings: Settings) -> int:
 
     """
     try:
-        sockets = tornado.netutil.bind_sockets(settings.port, address=settings.host)
-    except OSError as error:
-        log.error("could not listen on %s:%d: %s", settings.host, settings.port, error.strerror)
+        client = make_client(settings)
+    except (PyMongoError, ValueError) as error:
+        # The driver's message may quote parts of the URI, password included.
+        log.error(
+            "MONGO_URI is invalid (%s): expected a mongodb:// or mongodb+srv:// connection string",
+            type(error).__name__,
+        )
+        return 2
+    ports = [settings.port]
+    if settings.metrics_enabled and settings.metrics_port is not None:
+        ports.append(settings.metrics_port)
+    try:
+        sockets, *metrics = [_bind(settings.host, port) for port in ports]
+    except OSError:
+        await client.close()
         return 1
-    client = make_client(settings)
+    metrics_sockets = metrics[0] if metrics else []
     store = SecretStore(client[settings.mongo_database])
     application = make_app(settings, store)
     services = services_of(application)
@@ -63,7 +79,7 @@ async def serve(settings: Settings) -> int:
     signals.install(asyncio.get_running_loop())
     server.add_sockets(sockets)
     log.info("listening on %s:%d", settings.host, settings.port)
-    metrics_server = _serve_metrics(settings, application)
+    metrics_server = _serve_metrics(application, metrics_sockets)
     indexes = asyncio.create_task(_ensure_indexes(store))
     purger = Purger(store, services.clock, on_deleted=_count_purged(services))
     purger.start(settings.purge_interval_seconds)
@@ -179,15 +195,24 @@ def _log_cut_off(handler: ApiHandler) -> None:
     )
 
 
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Bind the listening sockets of one port, logging the reason when that fails."""
+    try:
+        return tornado.netutil.bind_sockets(port, address=host)
+    except OSError as error:
+        log.error("could not listen on %s:%d: %s", host, port, error.strerror)
+        raise
+
+
 def _serve_metrics(
-    settings: Settings, application: tornado.web.Application
+    application: tornado.web.Application, sockets: list[socket.socket]
 ) -> tornado.httpserver.HTTPServer | None:
-    """Start the separate metrics listener when `METRICS_PORT` is set."""
-    if not settings.metrics_enabled or settings.metrics_port is None:
+    """Serve `/metrics` on the separate metrics sockets, if any were bound."""
+    if not sockets:
         return None
     metrics_server = tornado.httpserver.HTTPServer(make_metrics_app(application), xheaders=False)
-    metrics_server.listen(settings.metrics_port, address=settings.host)
-    log.info("serving metrics on %s:%d", settings.host, settings.metrics_port)
+    metrics_server.add_sockets(sockets)
+    log.info("serving metrics on port %d", sockets[0].getsockname()[1])
     return metrics_server
 
 
@@ -217,8 +242,13 @@ async def _ensure_indexes(store: SecretStore) -> None:
             return
 
 
-def main() -> int:
-    """Entry point of the `ots` console script; returns the exit status."""
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `ots` console script; returns the exit status.
+
+    The service is configured by environment variables only; the command
+    line takes just `--help` and `--version`.
+    """
+    _parse_arguments(argv)
     try:
         settings = Settings.from_env()
     except ConfigError as error:
@@ -227,6 +257,19 @@ def main() -> int:
     configure_logging(settings)
     log.info("starting with %s", describe_settings(settings))
     return asyncio.run(serve(settings))
+
+
+def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ots",
+        description=(
+            "Serve the ots one-time secret API. Every setting is an environment "
+            "variable (MONGO_URI, MONGO_DATABASE, PORT, RATE_LIMIT_PER_MINUTE, ...); "
+            "see config/ots.env.example and the README."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"ots {__version__}")
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import pytest
 
 from ots.logs import mask_uri
+from ots.server import main, serve
 from ots.settings import ConfigError, Settings
 
 
@@ -113,3 +115,24 @@ def test_config_error_never_echoes_uri_password() -> None:
 )
 def test_mask_uri_hides_password(uri: str, masked: str) -> None:
     assert mask_uri(uri) == masked
+
+
+def test_version_option_exits_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.startswith("ots ")
+
+
+@pytest.mark.parametrize(
+    "uri", ["http://example.invalid", "mongodb://alice:pa55word@127.0.0.1:99999", "mongodb://"]
+)
+def test_invalid_mongo_uri_exits_with_status_2(uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(mongo_uri=uri, port=1, allow_weak_kdf=True)
+
+    status = asyncio.run(serve(settings))
+
+    assert status == 2
+    assert "MONGO_URI is invalid" in caplog.text
+    assert "pa55word" not in caplog.text
