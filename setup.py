@@ -36,7 +36,10 @@ setup(
             "mockupdb>=1.8.1,<2",
             "PyYAML>=6,<7",
             "openapi-spec-validator>=0.7,<0.10",
+            "jsonschema>=4.18,<5",
         ],
+        # The benchmark samples the service's memory with psutil.
+        "bench": ["psutil>=7.2,<8"],
     },
     entry_points={"console_scripts": ["ots = ots.server:main"]},
     classifiers=[
