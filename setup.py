@@ -37,6 +37,8 @@ setup(
             "PyYAML>=6,<7",
             "openapi-spec-validator>=0.7,<0.10",
             "jsonschema>=4.18,<5",
+            "hypothesis>=6.170,<7",
+            "schemathesis>=4.32,<5",
         ],
         # The benchmark samples the service's memory with psutil.
         "bench": ["psutil>=7.2,<8"],
