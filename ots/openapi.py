@@ -67,18 +67,8 @@ GENERATE_PROBLEMS: Final[tuple[type[Problem], ...]] = (
     ServiceUnavailable,
     InternalError,
 )
-READ_PROBLEMS: Final[tuple[type[Problem], ...]] = (
-    BadRequest,
-    WrongPassphrase,
-    NotFound,
-    MethodNotAllowed,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-    ValidationFailed,
-    RateLimited,
-    ServiceUnavailable,
-    InternalError,
-)
+# Every problem type can answer a read.
+READ_PROBLEMS: Final[tuple[type[Problem], ...]] = PROBLEM_CLASSES
 
 DESCRIPTION: Final = """\
 Store a secret behind a passphrase and read it exactly once.

@@ -28,6 +28,7 @@ import pytest
 import tornado.httpclient
 import tornado.ioloop
 import tornado.web
+from tornado.iostream import StreamClosedError
 
 from ots.app import make_app
 from ots.settings import Settings
@@ -373,6 +374,32 @@ class Api:
 def api(http_client: tornado.httpclient.AsyncHTTPClient, base_url: str) -> Api:
     """A JSON client for the app under test."""
     return Api(http_client, base_url)
+
+
+# Tornado's client code for a response cut off before its end.
+TRANSFER_FAILED = 599
+
+
+async def read_outcome(api: Api, key: str, passphrase: str) -> tuple[int, bytes]:
+    """Read a secret; return the status and body, or 599 and no body for a cut transfer."""
+    try:
+        response = await api.read(key, passphrase)
+    except (tornado.httpclient.HTTPClientError, StreamClosedError, ConnectionError) as error:
+        code = getattr(error, "code", TRANSFER_FAILED)
+        assert code == TRANSFER_FAILED, f"unexpected client error {code}"
+        return TRANSFER_FAILED, b""
+    return response.code, response.body
+
+
+def serves_secret(code: int, body: bytes, secret: str) -> bool:
+    """Return True when a response is a complete 200 whose JSON body contains `secret`."""
+    if code != 200:
+        return False
+    try:
+        document: Any = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and document.get("secret") == secret
 
 
 def problem(response: tornado.httpclient.HTTPResponse) -> dict[str, Any]:

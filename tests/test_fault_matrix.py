@@ -55,12 +55,15 @@ from ots.store import BUCKET, SECRETS, SecretStore
 from ots.workers import KdfPool
 from tests.conftest import (
     RECORDER,
+    TRANSFER_FAILED,
     Api,
     FakeClock,
     add_to_sweep,
     problem,
     quiet_loggers,
+    read_outcome,
     report,
+    serves_secret,
 )
 from tests.mongo_server import FaultMode, MongoTestServer
 
@@ -76,7 +79,6 @@ CHUNK_BYTES: Final = 1024
 GRIDFS_CHUNKS: Final = 40
 # Seconds; longer than the test settings' 1.5 s operation deadline.
 PAST_DEADLINE: Final = 3.0
-TRANSFER_FAILED: Final = 599  # Tornado's code for a response cut off before its end
 TTL: Final = 60
 
 FILES: Final = f"{BUCKET}.files"
@@ -211,28 +213,6 @@ def assert_unavailable(response: tornado.httpclient.HTTPResponse) -> None:
     assert problem(response)["type"] == "/problems/service-unavailable"
     assert response.headers["Retry-After"].isdigit()
     assert response.headers["Cache-Control"] == "no-store"
-
-
-async def read_outcome(api: Api, key: str, passphrase: str) -> tuple[int, bytes]:
-    """Read a secret; return the status and body, or 599 and no body for a cut transfer."""
-    try:
-        response = await api.read(key, passphrase)
-    except (tornado.httpclient.HTTPClientError, StreamClosedError, ConnectionError) as error:
-        code = getattr(error, "code", TRANSFER_FAILED)
-        assert code == TRANSFER_FAILED, f"unexpected client error {code}"
-        return TRANSFER_FAILED, b""
-    return response.code, response.body
-
-
-def serves_secret(code: int, body: bytes, secret: str) -> bool:
-    """Return True when a response is a complete 200 whose JSON body contains `secret`."""
-    if code != 200:
-        return False
-    try:
-        document: Any = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(document, dict) and document.get("secret") == secret
 
 
 async def wait_until_ready(api: Api) -> None:

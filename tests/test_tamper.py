@@ -14,12 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import tornado.httpclient
-from tornado.iostream import StreamClosedError
 
 from ots import crypto
 from ots.store import SecretStore
-from tests.conftest import Api, problem
+from tests.conftest import TRANSFER_FAILED, Api, problem, read_outcome, serves_secret
 
 PASSPHRASE = "tamper test passphrase"
 OTHER_PASSPHRASE = "other tamper passphrase"
@@ -27,7 +25,6 @@ CHUNKS = "payloads.chunks"
 FILES = "payloads.files"
 # Three GridFS chunks: two full ones and a short last one.
 GRIDFS_SIZE = 2 * crypto.PLAIN_CHUNK_BYTES + 1000
-TRANSFER_FAILED = 599  # Tornado's code for a connection closed before the response ended
 
 
 def make_secret(size: int, label: str) -> str:
@@ -48,28 +45,6 @@ def flip_byte(data: bytes, position: int) -> bytes:
     damaged = bytearray(data)
     damaged[position] ^= 0x01
     return bytes(damaged)
-
-
-async def read_outcome(api: Api, key: str, passphrase: str) -> tuple[int, bytes]:
-    """Read a secret; return the status and body, or 599 and no body for a cut transfer."""
-    try:
-        response = await api.read(key, passphrase)
-    except (tornado.httpclient.HTTPClientError, StreamClosedError, ConnectionError) as error:
-        code = getattr(error, "code", TRANSFER_FAILED)
-        assert code == TRANSFER_FAILED, f"unexpected client error {code}"
-        return TRANSFER_FAILED, b""
-    return response.code, response.body
-
-
-def serves_secret(code: int, body: bytes, secret: str) -> bool:
-    """Return True when a response is a complete 200 whose JSON body contains `secret`."""
-    if code != 200:
-        return False
-    try:
-        document: Any = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(document, dict) and document.get("secret") == secret
 
 
 def problem_type(code: int, body: bytes) -> str:
