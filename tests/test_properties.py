@@ -56,7 +56,14 @@ def examples(factor: float = 1.0) -> hypothesis.settings:
         max_examples=max(1, int(PROPERTY_EXAMPLES * factor)),
         deadline=None,
         database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        # Several properties discard inputs that the code under test rejects
+        # (a passphrase of spaces, a chunk list that cannot be reordered);
+        # how many varies from run to run, so the filter check is off.
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
     )
 
 
