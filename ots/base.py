@@ -61,7 +61,7 @@ UNPRINTABLE_FIELD: Final = "(unknown field name)"
 
 @dataclasses.dataclass
 class Services:
-    """What handlers share within one application."""
+    """Shared state of the handlers of one application."""
 
     settings: Settings
     store: SecretStore
@@ -216,8 +216,8 @@ class JsonBodyHandler(ApiHandler):
             raise BadRequest("The Content-Length header is invalid.")
         if int(declared) > self.body_limit():
             raise PayloadTooLarge()
-        # A generous connection cap: the handler's own check below fires first
-        # and answers 413; Tornado's cap only guards against runaway bodies.
+        # A generous connection cap, because `data_received` returns 413 as soon
+        # as the body crosses the limit; Tornado's cap only stops runaway bodies.
         self.request.connection.set_max_body_size(2 * self.body_limit())  # type: ignore[union-attr]
 
     def data_received(self, chunk: bytes) -> None:

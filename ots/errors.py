@@ -38,7 +38,7 @@ class Problem(HTTPError):
     status: ClassVar[int] = 500
     name: ClassVar[str] = "internal-error"
     title: ClassVar[str] = "Internal server error"
-    description: ClassVar[str] = "The service failed; the log holds the details."
+    description: ClassVar[str] = "The service failed; the log contains the details."
     retry_after: int | None = None
 
     def __init__(self, detail: str | None = None, *, log_message: str | None = None) -> None:

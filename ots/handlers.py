@@ -50,7 +50,7 @@ class GenerateHandler(RateLimitMixin, JsonBodyHandler):
         return self.services.settings.max_generate_body_bytes
 
     async def post(self) -> None:
-        """Store the secret and answer 201 with its key."""
+        """Store the secret and respond 201 with its key."""
         settings = self.services.settings
         request = await self.load_body(_generate_schema(settings.secret_ttl_max))
         # Drop the text as soon as it is encoded: at 32 MiB every copy counts.
@@ -209,7 +209,7 @@ class SecretHandler(RateLimitMixin, JsonBodyHandler):
         """Decrypt a GridFS payload chunk by chunk and send it as it comes.
 
         The first chunk is verified before the status line goes out, so a
-        payload damaged at its start answers 404. Damage found later can only
+        payload damaged at its start gets 404. Damage found later can only
         cut the connection: the client sees a truncated transfer, never a
         complete 200. The file is deleted afterwards whatever happens.
         """
@@ -279,7 +279,7 @@ class HealthHandler(BaseHandler):
     route = "/healthz"
 
     def get(self) -> None:
-        """Answer 200 while the event loop runs."""
+        """Return 200 while the event loop runs."""
         self.write({"status": "ok"})
 
 

@@ -67,7 +67,7 @@ GENERATE_PROBLEMS: Final[tuple[type[Problem], ...]] = (
     ServiceUnavailable,
     InternalError,
 )
-# Every problem type can answer a read.
+# Any problem type can be the response to a read.
 READ_PROBLEMS: Final[tuple[type[Problem], ...]] = PROBLEM_CLASSES
 
 DESCRIPTION: Final = """\

@@ -98,7 +98,7 @@ class SecretStore:
         )
 
     async def ping(self) -> None:
-        """Check that the database answers.
+        """Check that the database responds.
 
         Raises:
             ServiceUnavailable: it does not, within the deadline.

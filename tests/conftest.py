@@ -331,7 +331,9 @@ class Api:
         """Send a request; `body` is encoded as JSON unless `raw` bytes are given."""
         all_headers = {"Content-Type": "application/json"}
         all_headers.update(headers or {})
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        data = raw
+        if data is None and body is not None:
+            data = json.dumps(body).encode()
         if data is None and method in ("POST", "PUT", "PATCH"):
             data = b""
         return await self.client.fetch(
@@ -358,7 +360,7 @@ class Api:
         return response
 
     async def create(self, secret: str, passphrase: str, **fields: Any) -> str:
-        """Store a secret and return its key; fails the test unless the answer is 201."""
+        """Store a secret and return its key; fails the test unless the status is 201."""
         response = await self.generate(secret, passphrase, **fields)
         assert response.code == 201, response.body
         key: str = json.loads(response.body)["secret_key"]
