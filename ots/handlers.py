@@ -111,7 +111,7 @@ class GenerateHandler(RateLimitMixin, JsonBodyHandler):
         try:
             await store.insert(record)
         except BaseException:
-            # No record points at the file, so nobody could ever read it;
+            # No record points at the file, so no request could ever read it;
             # delete it now instead of waiting for the purge of orphans.
             await _delete_quietly(self.services, file_id)
             raise
@@ -211,7 +211,8 @@ class SecretHandler(RateLimitMixin, JsonBodyHandler):
         The first chunk is verified before the status line goes out, so a
         payload damaged at its start gets 404. Damage found later can only
         cut the connection: the client sees a truncated transfer, never a
-        complete 200. The file is deleted afterwards whatever happens.
+        complete 200. The file is deleted afterwards whatever the client does; if shutdown cuts
+        the request off first, the purge job deletes it later.
         """
         file_id = record["file_id"]
         try:
@@ -284,7 +285,7 @@ class HealthHandler(BaseHandler):
 
 
 class ReadyHandler(BaseHandler):
-    """`GET /readyz`: 200 when the database answers a ping, 503 otherwise or while stopping."""
+    """`GET /readyz`: 200 when the database responds to a ping, 503 otherwise or while stopping."""
 
     route = "/readyz"
 

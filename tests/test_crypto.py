@@ -119,7 +119,7 @@ def test_dropped_or_duplicated_chunk_fails() -> None:
 
 def test_truncation_fails_by_last_chunk_flag() -> None:
     _cipher, sealed, data_key = _three_chunks()
-    # A reader told the payload has two chunks expects chunk 1 to carry the
+    # A reader that expects two chunks requires chunk 1 to carry the
     # last-chunk flag; the real chunk 1 does not, so it fails.
     shorter = crypto.PayloadCipher(data_key, RECORD, 2 * crypto.PLAIN_CHUNK_BYTES)
 

@@ -4,7 +4,7 @@ The database tests use the MongoDB test server's fault injection, so they are
 skipped when the suite runs against a real MongoDB (`MONGO_URI`). A request
 under a fault must get 503 with `Retry-After` within a few operation
 deadlines. The tests bound the wait at `DEADLINE_FACTOR` deadlines, which
-tells a response from a hang without asserting a latency.
+separates a response from a hang without asserting a latency.
 """
 
 from __future__ import annotations
